@@ -7,6 +7,8 @@ Axis legend: B batch, H x W pixels or feature grid, C channels.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -208,19 +210,27 @@ class AutoencoderKL(nnx.Module):
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def encode(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    def encode(
+        self,
+        images: jax.Array,
+        rng: jax.Array | None = None,
+        noise_fn: Callable[[tuple[int, ...]], jax.Array] | None = None,
+    ) -> jax.Array:
         """Images [B, H, W, 3] -> latents [B, H/f, W/f, C] times `scaling_factor`.
 
-        Returns the posterior mean, or a sample drawn with `rng` when the config sets
-        `sample_posterior`.
+        Returns the posterior mean, or a sample when the config sets `sample_posterior`:
+        its noise comes from `noise_fn(shape)` if given, else from the PRNG key `rng`.
         """
         mean, logvar = self.posterior(images)
         latents = mean
         if self.cfg.sample_posterior:
-            if rng is None:
+            if noise_fn is not None:
+                noise = noise_fn(mean.shape)
+            elif rng is not None:
+                noise = jax.random.normal(rng, mean.shape, jnp.float32)
+            else:
                 raise ValueError("this VAE samples its posterior (sample_posterior=True); pass a PRNG key as rng")
-            noise = jax.random.normal(rng, mean.shape, jnp.float32).astype(mean.dtype)
-            latents = mean + jnp.exp(0.5 * logvar) * noise
+            latents = mean + jnp.exp(0.5 * logvar) * noise.astype(mean.dtype)
         return latents * self.cfg.scaling_factor
 
     def decode(self, latents: jax.Array) -> jax.Array:

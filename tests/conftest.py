@@ -1,0 +1,56 @@
+"""Shared fixtures: golden checkpoints, a tiny config factory and the parity metric."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+# Parity with the float32 PyTorch reference needs full-precision matmuls on every backend.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+GOLDEN_DIR = Path(__file__).parent / "fixtures" / "golden"
+GOLDEN_MODELS = ("tiny", "tiny_alt")
+LAYOUTS = sorted((GOLDEN_DIR / "layouts").glob("*.layout.json"))
+PARITY_RTOL = 1e-4  # relative L2 error allowed on every golden float array
+
+
+def rel_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def nchw_to_nhwc(array: np.ndarray) -> np.ndarray:
+    """The reference stores images and latents NCHW; the package works NHWC."""
+    return np.ascontiguousarray(np.asarray(array).transpose(0, 2, 3, 1))
+
+
+def golden_path(name: str) -> Path:
+    return GOLDEN_DIR / name
+
+
+def load_golden(name: str) -> dict[str, np.ndarray]:
+    with np.load(GOLDEN_DIR / name / "golden.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+def tiny_config(**overrides):
+    """The `tiny` golden model's FlexTokConfig, with fields of its parts replaced."""
+    import dataclasses
+
+    from flextok_jax.config import config_from_hydra, vae_config_from_diffusers
+    import json
+
+    tree = json.loads((GOLDEN_DIR / "tiny" / "config.json").read_text())
+    vae = vae_config_from_diffusers(json.loads((GOLDEN_DIR / "tiny" / "vae" / "config.json").read_text()))
+    config = config_from_hydra(tree, vae=vae)
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+@pytest.fixture(scope="session", params=GOLDEN_MODELS)
+def golden_name(request) -> str:
+    return request.param
