@@ -1,0 +1,5 @@
+import sys
+
+from convert.command import main
+
+sys.exit(main())

@@ -189,6 +189,8 @@ def _param_dtype(dtype: str | None):
 
 def _flextok_files(source: Path) -> tuple[Path, dict[str, Any] | None]:
     """Return the weights file and, for hub directories, the config tree from config.json."""
+    if not source.exists():
+        raise CheckpointError(f"checkpoint path {source} not found")
     if source.is_dir():
         weights = source / "model.safetensors"
         config = source / "config.json"
@@ -236,6 +238,8 @@ def load_flextok(source: str | Path, *, dtype: str | None = None, compute_dtype=
 def load_vae(source: str | Path, *, dtype: str | None = None, compute_dtype=None) -> LoadedCheckpoint:
     """Convert a diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)."""
     source = Path(source)
+    if not source.exists():
+        raise CheckpointError(f"VAE path {source} not found")
     if not source.is_dir():
         raise CheckpointError(f"{source} is not a directory; pass a diffusers VAE directory")
     raw = _read_json(source / "config.json")

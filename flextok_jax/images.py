@@ -1,7 +1,9 @@
-"""Image files in and out: decode, resize and center-crop for the tokenizer, write PNGs and comparison grids.
+"""Image file input and output for the tokenizer.
 
-Arrays are NHWC (or HWC for one image) float32 in [-1, 1], the range the VAE
-encodes and decodes; uint8 0..255 is accepted wherever an image is written.
+Loading decodes, resizes and center-crops files into model input; writing
+covers PNGs and labelled comparison grids. Arrays are NHWC (HWC for one image)
+float32 in [-1, 1], the range the VAE encodes and decodes. Functions that write
+images also accept uint8 0..255.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", "
 # so an image side must be a multiple of 8 * 2 pixels.
 SIZE_MULTIPLE = 16
 
-# Errors that Pillow raises for unreadable data. Some plugins raise SyntaxError,
-# struct.error or EOFError for damaged headers, and ValueError for truncated data.
+# Errors that Pillow raises for unreadable data. Image.open converts header errors
+# into UnidentifiedImageError (an OSError), but plugin code that runs in load()
+# and EXIF parsing can still raise the other types on damaged data (Pillow 13).
 _DECODE_ERRORS = (
     UnidentifiedImageError,
     OSError,
@@ -39,12 +42,12 @@ _WHITE = 255
 
 
 class ImageReadError(ValueError):
-    """Image file that is missing, unreadable or not decodable by Pillow."""
+    """Error for an image file that is missing, unreadable or not decodable by Pillow."""
 
 
 def _check_size(size: int) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % SIZE_MULTIPLE:
-        raise ValueError(f"size={size!r} is invalid; expected a positive multiple of {SIZE_MULTIPLE} pixels, such as 256")
+        raise ValueError(f"Invalid image size {size!r}. Pass a positive multiple of {SIZE_MULTIPLE} pixels, such as 256.")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -57,13 +60,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # and TIFF files decode to. A 32-bit image with another range is clipped.
         values = np.asarray(img).astype(np.float64)
         gray = np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if mode == "F":
         # NOTE: float images follow Pillow's own convention of 0..255 values,
         # so a float image scaled to 0..1 comes out nearly black.
         values = np.asarray(img, dtype=np.float64)
         gray = np.round(np.clip(np.nan_to_num(values), 0, 255)).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
 
     has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
     if has_alpha or mode == "P":
@@ -202,14 +205,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if array.dtype.kind in "biu":
-        raise TypeError(f"to_uint8 expects float images in [-1, 1] or uint8, got dtype {array.dtype}")
+        raise TypeError(f"to_uint8 expected float images in [-1, 1] or uint8, got dtype {array.dtype}.")
     values = (array.astype(np.float32) + 1.0) * 127.5
     return np.round(np.clip(values, 0, 255)).astype(np.uint8)
 
 
 def _check_hwc(image: np.ndarray, name: str) -> None:
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"{name} has shape {image.shape}; expected [H, W, 3]")
+        raise ValueError(f"Invalid {name} shape {image.shape}. Expected [H, W, 3] RGB.")
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
@@ -229,7 +232,7 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp_file:
-            Image.fromarray(pixels, mode="RGB").save(tmp_file, format="PNG")
+            Image.fromarray(pixels).save(tmp_file, format="PNG")
             tmp_file.flush()
             os.fsync(tmp_file.fileno())
         # mkstemp creates the file owner-only (0600), so give it the usual mode of a new file.
@@ -247,7 +250,7 @@ def _label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _render_label(text: str, width: int, height: int) -> Image.Image:
-    """Draw `text` in black, centered on a white width x height strip; overflow is clipped."""
+    """Draw `text` in black, centered on a white width x height strip that clips any overflow."""
     strip = Image.new("RGB", (width, height), (_WHITE, _WHITE, _WHITE))
     if not text or height == 0:
         return strip
@@ -271,11 +274,11 @@ def make_grid(panels: list[np.ndarray], labels: list[str], pad: int = 4, label_h
         in black with Pillow's default font, centered, and clipped to that strip.
     """
     if not panels:
-        raise ValueError("make_grid needs at least one panel")
+        raise ValueError("make_grid got no panels. Pass at least one panel.")
     if len(labels) != len(panels):
-        raise ValueError(f"make_grid got {len(panels)} panels but {len(labels)} labels; pass one label per panel")
+        raise ValueError(f"make_grid got {len(panels)} panels but {len(labels)} labels. Pass one label per panel.")
     if pad < 0 or label_height < 0:
-        raise ValueError(f"pad={pad} and label_height={label_height} must both be >= 0")
+        raise ValueError(f"Invalid pad={pad} or label_height={label_height}. Both must be >= 0.")
 
     tiles = [to_uint8(panel) for panel in panels]
     for index, tile in enumerate(tiles):
@@ -283,7 +286,7 @@ def make_grid(panels: list[np.ndarray], labels: list[str], pad: int = 4, label_h
     height, width = tiles[0].shape[:2]
     for index, tile in enumerate(tiles):
         if tile.shape != tiles[0].shape:
-            raise ValueError(f"panel {index} has shape {tile.shape}, but panel 0 has {tiles[0].shape}; resize panels to one size")
+            raise ValueError(f"Panel {index} has shape {tile.shape}, but panel 0 has {tiles[0].shape}. Resize the panels to one size.")
 
     count = len(tiles)
     grid = np.full((height + label_height + 2 * pad, count * width + (count + 1) * pad, 3), _WHITE, np.uint8)

@@ -1,0 +1,50 @@
+"""`python -m convert` and `flextok-jax convert`: PyTorch checkpoints <-> converted directories."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger("flextok_jax.convert")
+
+
+def run_convert(src: str, out: str, *, to_pytorch: bool = False, dtype: str | None = None) -> int:
+    """Convert `src` to `out` and print one line saying what was written."""
+    from convert.converter import CheckpointError, load_flextok, save_flextok_safetensors
+    from flextok_jax.checkpoint import is_converted_dir, load_converted, save_converted
+
+    src_path = Path(src)
+    if to_pytorch:
+        if not is_converted_dir(src_path):
+            raise CheckpointError(f"{src} is not a converted flextok-jax directory (no flextok_config.json)")
+        model, tree = load_converted(src_path)
+        if tree is None:
+            raise CheckpointError(f"{src} has no hydra_config.json, so the PyTorch config cannot be written")
+        written = save_flextok_safetensors(model, tree, out)
+        print(f"wrote PyTorch checkpoint {written}")
+        return 0
+
+    loaded = load_flextok(src_path, dtype=dtype)
+    written = save_converted(loaded.model, loaded.source_config, out)
+    print(f"wrote converted model {written} ({', '.join(loaded.source_dtypes)} source tensors)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from flextok_jax.cli import add_convert_args
+
+    parser = argparse.ArgumentParser(prog="python -m convert", description="Convert FlexTok checkpoints between PyTorch and flextok-jax.")
+    add_convert_args(parser)
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return run_convert(args.src, args.out, to_pytorch=args.to_pytorch, dtype=args.param_dtype)
+    except (ValueError, OSError) as err:
+        if verbose:
+            raise
+        print(f"convert: error: {err}", file=sys.stderr)
+        return 1
