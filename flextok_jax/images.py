@@ -1,6 +1,6 @@
 """Image file input and output for the tokenizer.
 
-Loading decodes, resizes and center-crops files into model input; writing
+Loading decodes, resizes and center-crops files into model input, and writing
 covers PNGs and labelled comparison grids. Arrays are NHWC (HWC for one image)
 float32 in [-1, 1], the range the VAE encodes and decodes. Functions that write
 images also accept uint8 0..255.
@@ -286,7 +286,9 @@ def make_grid(panels: list[np.ndarray], labels: list[str], pad: int = 4, label_h
     height, width = tiles[0].shape[:2]
     for index, tile in enumerate(tiles):
         if tile.shape != tiles[0].shape:
-            raise ValueError(f"Panel {index} has shape {tile.shape}, but panel 0 has {tiles[0].shape}. Resize the panels to one size.")
+            raise ValueError(
+                f"Panel {index} has shape {tile.shape}, but panel 0 has {tiles[0].shape}. Resize the panels to one size."
+            )
 
     count = len(tiles)
     grid = np.full((height + label_height + 2 * pad, count * width + (count + 1) * pad, 3), _WHITE, np.uint8)

@@ -244,7 +244,8 @@ def test_load_cmyk_jpeg_close_to_rgb(tmp_path):
 
 def test_load_applies_exif_orientation(tmp_path):
     upright = Image.fromarray(photo("chelsea"))
-    # Orientation 6 means the stored pixels are displayed rotated 90 degrees clockwise, so store the photo turned counter-clockwise.
+    # Orientation 6 means viewers display the stored pixels rotated 90 degrees clockwise,
+    # so store the photo turned counter-clockwise.
     stored = upright.transpose(Image.Transpose.ROTATE_90)
     exif = Image.Exif()
     exif[0x0112] = 6
