@@ -248,6 +248,9 @@ class FlexTok:
             for i, row in enumerate(rows):
                 if row.ndim != 1:
                     raise ValueError(f"token row {i} has shape {row.shape}; each list entry must be a 1-D id array")
+                if row.size and not np.issubdtype(row.dtype, np.integer):
+                    raise ValueError(f"token row {i} has dtype {row.dtype}; token ids must be integers")
+            row_sizes = np.asarray([len(row) for row in rows], np.int64)
             if lengths is None:
                 lengths = [len(row) for row in rows]
             width = max(max(len(row) for row in rows), 1)
@@ -260,6 +263,7 @@ class FlexTok:
                 raise ValueError(f"tokens have shape {ids.shape}; pass [B, R'] or a list of 1-D arrays")
             if ids.ndim != 2:
                 raise ValueError(f"tokens have shape {ids.shape}; expected [B, R'] token ids")
+            row_sizes = np.full((ids.shape[0],), ids.shape[1], np.int64)
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"tokens have dtype {ids.dtype}; token ids must be integers")
         batch, width = ids.shape
@@ -274,8 +278,8 @@ class FlexTok:
         for i, length in enumerate(lengths):
             if length < 1 or length > registers:
                 raise ValueError(f"lengths[{i}]={int(length)} is invalid; each length must be in [1, {registers}]")
-            if length > width:
-                raise ValueError(f"lengths[{i}]={int(length)} exceeds the {width} token ids given for that row")
+            if length > row_sizes[i]:
+                raise ValueError(f"lengths[{i}]={int(length)} exceeds the {int(row_sizes[i])} token ids given for that row")
 
         used = np.arange(width)[None, :] < lengths[:, None]
         bad = used & ((ids < 0) | (ids >= self.codebook_size))

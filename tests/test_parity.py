@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import GOLDEN_MODELS, PARITY_RTOL, golden_path, load_golden, nchw_to_nhwc, rel_error
 from convert import load_vae
 from flextok_jax.api import FlexTok
 from flextok_jax.fsq import FSQ
+from tests.conftest import GOLDEN_MODELS, PARITY_RTOL, golden_path, load_golden, nchw_to_nhwc, rel_error
 
 FORMATS = ("hub_dir", "safetensors")
 
@@ -31,7 +31,7 @@ STEPS = 4
 
 
 def checkpoint_path(name: str, fmt: str) -> Path:
-    """The hub-style directory, or the single .safetensors file with the config in its metadata."""
+    """Return the hub-style directory, or the single .safetensors file that stores the config in its metadata."""
     if fmt == "hub_dir":
         return golden_path(name)
     return golden_path(name) / "model.safetensors"
@@ -62,7 +62,7 @@ class Case:
 
     name: str
     fmt: str
-    tok: FlexTok
+    flextok: FlexTok
     golden: dict[str, np.ndarray]
     detok_latents: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -77,7 +77,7 @@ class Case:
         if schedule not in self.detok_latents:
             guidance, apg = SCHEDULES[schedule]
             self.detok_latents[schedule] = np.asarray(
-                self.tok.detokenize_latents(
+                self.flextok.detokenize_latents(
                     self.golden["tokens"],
                     self.golden["detok_lengths"],
                     steps=STEPS,
@@ -96,20 +96,20 @@ class Case:
 )
 def case(request) -> Case:
     name, fmt = request.param
-    tok = FlexTok.from_pretrained(checkpoint_path(name, fmt))
-    return Case(name=name, fmt=fmt, tok=tok, golden=load_golden(name))
+    flextok = FlexTok.from_pretrained(checkpoint_path(name, fmt))
+    return Case(name=name, fmt=fmt, flextok=flextok, golden=load_golden(name))
 
 
 # --- VAE -------------------------------------------------------------------------------
 
 
 def test_vae_latents(case):
-    latents = case.tok.encode_latents(case.nhwc("images"))
+    latents = case.flextok.encode_latents(case.nhwc("images"))
     assert_close(latents, case.nhwc("vae_latents"), f"{case.label} vae_latents")
 
 
 def test_vae_decoded(case):
-    images = case.tok.decode_latents(case.nhwc("vae_latents"))
+    images = case.flextok.decode_latents(case.nhwc("vae_latents"))
     assert_close(images, case.nhwc("vae_decoded"), f"{case.label} vae_decoded")
 
 
@@ -125,23 +125,23 @@ def test_standalone_vae_latents(name):
 
 
 def test_enc_registers(case):
-    registers = case.tok.model.encode_registers(case.nhwc("vae_latents"))
+    registers = case.flextok.model.encode_registers(case.nhwc("vae_latents"))
     assert_close(registers, case.golden["enc_registers"], f"{case.label} enc_registers")
 
 
 def test_quants(case):
     # Quantize the reference's registers so that this checks FSQ alone.
-    quants = case.tok.model.fsq.quantize(case.golden["enc_registers"])
+    quants = case.flextok.model.fsq.quantize(case.golden["enc_registers"])
     assert_close(quants, case.golden["quants"], f"{case.label} quants")
 
 
 def test_tokens(case):
-    tokens = case.tok.tokenize(case.nhwc("images"))
+    tokens = case.flextok.tokenize(case.nhwc("images"))
     assert_tokens_equal(tokens, case.golden["tokens"], f"{case.label} tokens")
 
 
 def test_fsq_probe_codes(case):
-    fsq = FSQ(case.tok.config.fsq.levels)
+    fsq = FSQ(case.flextok.config.fsq.levels)
     ids = case.golden["fsq_probe_ids"]
     codes = np.asarray(fsq.ids_to_codes(ids))
     expected = case.golden["fsq_probe_codes"]
@@ -159,7 +159,7 @@ def test_fsq_probe_codes(case):
 @pytest.mark.parametrize("unconditional", [False, True], ids=["cond", "uncond"])
 def test_step_velocity(case, unconditional):
     key = "step_velocity_uncond" if unconditional else "step_velocity"
-    velocity = case.tok.velocity(
+    velocity = case.flextok.velocity(
         case.nhwc("step_noise"),
         case.golden["step_t"],
         case.golden["tokens"],
@@ -178,7 +178,7 @@ def test_detok_latents(case, schedule):
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_detok_images(case, schedule):
     key = f"detok_{schedule}_images"
-    images = case.tok.decode_latents(case.detokenize(schedule))
+    images = case.flextok.decode_latents(case.detokenize(schedule))
     assert_close(images, case.nhwc(key), f"{case.label} {key}")
 
 
@@ -190,7 +190,7 @@ def test_detok_token_list(case, schedule):
     rows = [tokens[i, : int(length)] for i, length in enumerate(lengths)]
     guidance, apg = SCHEDULES[schedule]
     latents = np.asarray(
-        case.tok.detokenize_latents(rows, steps=STEPS, guidance_scale=guidance, apg=apg, noise=case.nhwc("init_noise"))
+        case.flextok.detokenize_latents(rows, steps=STEPS, guidance_scale=guidance, apg=apg, noise=case.nhwc("init_noise"))
     )
     label = f"{case.label} detok_{schedule}_latents from token list"
     assert_close(latents, case.nhwc(f"detok_{schedule}_latents"), label)
@@ -200,7 +200,7 @@ def test_detok_token_list(case, schedule):
 
 def test_callable_guidance(case):
     """A constant function of t runs the same classifier-free guidance as the float."""
-    latents = case.tok.detokenize_latents(
+    latents = case.flextok.detokenize_latents(
         case.golden["tokens"],
         case.golden["detok_lengths"],
         steps=STEPS,
