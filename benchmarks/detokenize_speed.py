@@ -2,10 +2,10 @@
 
 Usage: python benchmarks/detokenize_speed.py [--devices N] [--batch B] [--steps S] [--model PATH]
 
-Prints, from one run: the first call (trace + compile + run), the median steady call,
-and the same sampling done the way the reference is structured (a Python loop with a
-separate conditional and unconditional decoder call per step, each step jitted on its
-own), with the ratio between the two. --devices sets the number of host CPU devices
+Prints, from one run, the first call (trace + compile + run) and the median steady call.
+It then times the same sampling structured as the reference does it: a Python loop with
+separate conditional and unconditional decoder calls per step, each call jitted on its
+own. The last line is the ratio between the two. --devices sets the number of host CPU devices
 and must be given before JAX starts, so this script sets XLA_FLAGS itself.
 """
 

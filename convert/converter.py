@@ -3,7 +3,7 @@
 Loading is strict: every source tensor must land on a Flax parameter of the same
 shape, and every Flax parameter must be filled, or a CheckpointError lists all
 offenders. Tensors are read one at a time from the memory-mapped safetensors file,
-so conversion never holds two full copies of the weights.
+so conversion never keeps two full copies of the weights.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read config {path}: {err}") from err
     if not isinstance(data, dict):
-        raise CheckpointError(f"config {path} holds {type(data).__name__}, expected a JSON object")
+        raise CheckpointError(f"config {path} contains {type(data).__name__}, expected a JSON object")
     return data
 
 
@@ -285,7 +285,7 @@ def _atomic_save(tensors: dict[str, np.ndarray], out: Path, metadata: dict[str, 
 
 
 def hydra_metadata(tree: Mapping[str, Any]) -> dict[str, str]:
-    """The reference's metadata layout: one entry per top-level key, a Python repr each."""
+    """Encode the tree as the reference does: one metadata entry per top-level key, its Python repr."""
     return {key: repr(value) for key, value in tree.items()}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 # (PyTorch, Flax) key prefixes for a FlexTok checkpoint.
 FLEXTOK_PREFIXES = (
     ("vae.vae.", "vae."),  # the reference wraps diffusers' AutoencoderKL in StableDiffusionVAE
-    ("encoder.module_dict.", "encoder."),  # SequentialModuleDictWrapper holds no parameters
+    ("encoder.module_dict.", "encoder."),  # SequentialModuleDictWrapper has no parameters
     ("decoder.module_dict.", "decoder."),
 )
 # A stand-alone diffusers AutoencoderKL maps onto the Flax VAE module as it is.

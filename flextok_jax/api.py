@@ -191,7 +191,7 @@ class FlexTok:
         return self._run("decode", latents)
 
     def velocity(self, noised_latents: Any, t: Any, tokens: Any, lengths: Any = None, unconditional: Any = None) -> jax.Array:
-        """One decoder call: velocity [B, h, w, C] for noised latents at times t [B] in [0, 1]."""
+        """Run one decoder call: the velocity [B, h, w, C] for noised latents at times t [B] in [0, 1]."""
         codes, keep = self._check_tokens(tokens, lengths)
         noised = self._check_latents(noised_latents, "noised_latents")
         batch = codes.shape[0]
@@ -299,7 +299,7 @@ class FlexTok:
         return side, side
 
     def _image_keys(self, rng: jax.Array | None, batch: int) -> np.ndarray:
-        """One raw PRNG key per image, uint32 [B, 2], so a sample does not depend on padding."""
+        """Split `rng` into one raw PRNG key per image, uint32 [B, 2], so a sample does not depend on padding."""
         if rng is None:
             rng = jax.random.PRNGKey(DEFAULT_SEED)
         return np.asarray(jax.random.key_data(jax.random.split(rng, batch)))

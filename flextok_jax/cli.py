@@ -92,6 +92,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     parts_dir = out.with_name(out.name + PARTS_SUFFIX)
     if args.batch_size < 1:
         raise CommandError(f"--batch-size {args.batch_size} is invalid; pass a positive number of images")
+    if args.limit is not None and args.limit < 1:
+        raise CommandError(f"--limit {args.limit} is invalid; pass a positive number of images")
     try:
         paths = [str(p) for p in find_images(args.paths)]
     except FileNotFoundError as err:
@@ -110,11 +112,11 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
             done.update({str(p): row for p, row in zip(data["paths"], data["tokens"])})
             previous_model = str(data["model"])
         if previous_model != args.model:
-            raise CommandError(f"{out} holds tokens of model {previous_model}, not {args.model}; pass --overwrite or another --out")
+            raise CommandError(f"{out} contains tokens of model {previous_model}, not {args.model}; pass --overwrite or another --out")
     if parts_dir.is_dir():
         parts, parts_model = _read_parts(parts_dir)
         if parts_model is not None and parts_model != args.model:
-            raise CommandError(f"{parts_dir} holds tokens of model {parts_model}, not {args.model}; pass --overwrite")
+            raise CommandError(f"{parts_dir} contains tokens of model {parts_model}, not {args.model}; pass --overwrite")
         done.update(parts)
     todo = [p for p in paths if p not in done]
     if done:
@@ -188,6 +190,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_detokenize(args: argparse.Namespace) -> int:
     from flextok_jax.images import save_png
 
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size {args.batch_size} is invalid; pass a positive number of rows")
     try:
         with np.load(args.tokens) as data:
             tokens = np.asarray(data["tokens"])
@@ -195,7 +199,7 @@ def cmd_detokenize(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as err:
         raise CommandError(f"cannot read token file {args.tokens}: {err}; pass a .npz written by 'flextok-jax tokenize'") from err
     if tokens.ndim != 2:
-        raise CommandError(f"{args.tokens} holds tokens of shape {tokens.shape}; expected [N, R]")
+        raise CommandError(f"{args.tokens} contains tokens of shape {tokens.shape}; expected [N, R]")
 
     model = _load_model(args.model, args.dtype)
     k = args.k if args.k is not None else tokens.shape[1]

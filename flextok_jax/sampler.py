@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
 from flextok_jax.decoder import FlowDecoder
 
 APG_MOMENTUM = -0.5  # reference: MomentumBuffer(-0.5)
@@ -39,7 +37,7 @@ def _norm(x: jax.Array) -> jax.Array:
 
 
 def apg_update(cond: jax.Array, uncond: jax.Array, scale: jax.Array, buffer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One APG step (Sadat et al., 2024), as the reference's `normalized_guidance`.
+    """Apply one APG step (Sadat et al., 2024), as the reference's `normalized_guidance`.
 
     Returns (guided velocity, new momentum buffer); all arrays [B, h, w, C].
     NOTE: the reference projects in float64; this runs in float32, which the golden
@@ -120,13 +118,3 @@ def guidance_schedule(guidance_scale, steps: int) -> tuple[jax.Array, bool]:
         return jnp.asarray(values, jnp.float32), True
     value = float(guidance_scale)
     return jnp.full((steps,), value, jnp.float32), value != 1.0
-
-
-def make_sampler(graphdef: nnx.GraphDef, options: SamplerOptions):
-    """A jitted `(state, codes, keep, noise, scales) -> latents` for one set of options."""
-
-    def run(state, codes, keep, noise, scales):
-        model = nnx.merge(graphdef, state)
-        return sample(model.decoder, codes, keep, noise, scales, options)
-
-    return jax.jit(run)
