@@ -163,18 +163,16 @@ class FlexTok:
         length are ignored), or a list of 1-D id arrays of different lengths.
         guidance_scale: a float or a function of t in (0, 1]; 1 runs no unconditional
         pass. apg: adaptive projected guidance instead of classifier-free guidance.
-        noise: starting noise [B, h, w, C]; otherwise drawn from `rng` (default
-        PRNGKey(0)). latent_size: (h, w) when no noise is given; default the model's.
+        noise: starting noise [B, h, w, C]; otherwise drawn from `rng`, a PRNG key or an
+        integer seed (default PRNGKey(0)). latent_size: (h, w) when no noise is given; default the model's.
         """
         codes, keep = self._check_tokens(tokens, lengths)
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} is invalid; pass a positive integer number of Euler steps")
-        if not callable(guidance_scale) and not np.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale={guidance_scale!r} is not finite")
         batch = codes.shape[0]
         if noise is None:
             h, w = latent_size or self._default_latent_size()
-            key = jax.random.PRNGKey(DEFAULT_SEED) if rng is None else rng
+            key = _as_key(rng)
             noise = jax.random.normal(key, (batch, h, w, self.config.vae.latent_channels), jnp.float32)
             noise = np.asarray(noise)
         else:
@@ -300,9 +298,7 @@ class FlexTok:
 
     def _image_keys(self, rng: jax.Array | None, batch: int) -> np.ndarray:
         """Split `rng` into one raw PRNG key per image, uint32 [B, 2], so a sample does not depend on padding."""
-        if rng is None:
-            rng = jax.random.PRNGKey(DEFAULT_SEED)
-        return np.asarray(jax.random.key_data(jax.random.split(rng, batch)))
+        return np.asarray(jax.random.key_data(jax.random.split(_as_key(rng), batch)))
 
     # --- Execution -------------------------------------------------------------------
 
@@ -350,6 +346,17 @@ class FlexTok:
         return out[:batch]
 
 
+def _as_key(rng: jax.Array | int | None) -> jax.Array:
+    """A PRNG key from a key, an integer seed, or None (the default seed)."""
+    if rng is None:
+        return jax.random.PRNGKey(DEFAULT_SEED)
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return jax.random.PRNGKey(int(rng))
+    if isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or (rng.dtype == jnp.uint32 and rng.shape == (2,))):
+        return rng
+    raise ValueError(f"rng={rng!r} is not a PRNG key; pass jax.random.PRNGKey(seed) or an integer seed")
+
+
 def _image_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Standard normal noise [B, ...] drawn per image from raw keys [B, 2]."""
     typed = jax.random.wrap_key_data(keys)
@@ -358,7 +365,7 @@ def _image_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def _download(repo_id: str, *, revision, cache_dir, local_files_only: bool) -> Path:
     """Fetch config.json and model.safetensors of a hub repo; return the snapshot directory."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or repo_id.endswith((".safetensors", ".json")):
         raise FileNotFoundError(f"{repo_id} is not an existing path or a hub repo id of the form owner/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

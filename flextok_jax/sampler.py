@@ -11,6 +11,7 @@ S steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -115,6 +116,11 @@ def guidance_schedule(guidance_scale, steps: int) -> tuple[jax.Array, bool]:
     times = [(steps - i) / steps for i in range(steps)]
     if callable(guidance_scale):
         values = [float(guidance_scale(t)) for t in times]
+        bad = [(t, v) for t, v in zip(times, values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"guidance_scale({bad[0][0]:g}) returned {bad[0][1]}; the scale must be finite at every step")
         return jnp.asarray(values, jnp.float32), True
     value = float(guidance_scale)
+    if not math.isfinite(value):
+        raise ValueError(f"guidance_scale={guidance_scale!r} is not finite")
     return jnp.full((steps,), value, jnp.float32), value != 1.0

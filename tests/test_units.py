@@ -338,3 +338,28 @@ def test_sample_traced_once(flextok):
         fresh.detokenize_latents(tokens, lengths=lengths, steps=2, guidance_scale=1.0)
     count = fresh.trace_counts["sample"]
     assert count == 1, f"'sample' was traced {count} times for two length sets"
+
+
+def test_integer_seed_matches_key(flextok):
+    tokens = random_tokens(flextok, 2)
+    from_seed = flextok.detokenize_latents(tokens, steps=2, rng=3)
+    from_key = flextok.detokenize_latents(tokens, steps=2, rng=jax.random.PRNGKey(3))
+    assert np.array_equal(np.asarray(from_seed), np.asarray(from_key)), "rng=3 and PRNGKey(3) gave different latents"
+
+
+def test_rejects_non_key_rng(flextok):
+    with pytest.raises(ValueError) as err:
+        flextok.detokenize_latents(random_tokens(flextok, 1), steps=1, rng="seed")
+    assert_names(err, "'seed'")
+
+
+def test_rejects_nan_guidance_function(flextok):
+    with pytest.raises(ValueError) as err:
+        flextok.detokenize_latents(random_tokens(flextok, 1), steps=2, guidance_scale=lambda t: float("nan"))
+    assert_names(err, "nan")
+
+
+def test_rejects_infinite_guidance(flextok):
+    with pytest.raises(ValueError) as err:
+        flextok.detokenize_latents(random_tokens(flextok, 1), steps=2, guidance_scale=float("inf"))
+    assert_names(err, "inf")
