@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -34,6 +32,7 @@ from flextok_jax.config import (
     vae_config_from_diffusers,
     vae_config_from_shapes,
 )
+from flextok_jax.files import atomic_path, atomic_write_text
 from flextok_jax.model import FlexTokModel
 from flextok_jax.vae import AutoencoderKL
 
@@ -273,15 +272,8 @@ def _torch_tensors(module: nnx.Module, prefixes) -> dict[str, np.ndarray]:
 
 
 def _atomic_save(tensors: dict[str, np.ndarray], out: Path, metadata: dict[str, str]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def hydra_metadata(tree: Mapping[str, Any]) -> dict[str, str]:
@@ -299,7 +291,7 @@ def save_flextok_safetensors(model: FlexTokModel, tree: Mapping[str, Any], out: 
     tensors = _torch_tensors(model, FLEXTOK_PREFIXES)
     if out.suffix != ".safetensors":
         _atomic_save(tensors, out / "model.safetensors", hydra_metadata(tree))
-        _atomic_write_text(out / "config.json", json.dumps(tree, indent=2))
+        atomic_write_text(out / "config.json", json.dumps(tree, indent=2))
         return out / "model.safetensors"
     _atomic_save(tensors, out, hydra_metadata(tree))
     return out
@@ -309,13 +301,5 @@ def save_vae_safetensors(vae: AutoencoderKL, diffusers_config: Mapping[str, Any]
     """Write an AutoencoderKL as a diffusers directory."""
     out_dir = Path(out_dir)
     _atomic_save(_torch_tensors(vae, VAE_PREFIXES), out_dir / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    _atomic_write_text(out_dir / "config.json", json.dumps(dict(diffusers_config), indent=2))
+    atomic_write_text(out_dir / "config.json", json.dumps(dict(diffusers_config), indent=2))
     return out_dir
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)

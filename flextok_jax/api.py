@@ -102,9 +102,12 @@ class FlexTok:
         loaded = load_flextok(path, compute_dtype=compute_dtype)
         return cls(loaded.model, hydra_tree=loaded.source_config, devices=devices)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write the model as an orbax checkpoint plus config, loadable by `from_pretrained`."""
-        return save_converted(self.model, self.hydra_tree, out_dir)
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model as an orbax checkpoint plus config, loadable by `from_pretrained`.
+
+        An existing `out_dir` must be empty, or a converted model with `overwrite` set.
+        """
+        return save_converted(self.model, self.hydra_tree, out_dir, overwrite=overwrite)
 
     @property
     def model(self) -> FlexTokModel:
@@ -194,7 +197,7 @@ class FlexTok:
         noised = self._check_latents(noised_latents, "noised_latents")
         batch = codes.shape[0]
         t = np.broadcast_to(np.asarray(t, np.float32), (batch,)).copy()
-        if np.any(t < 0) or np.any(t > self.config.decoder.max_timestep):
+        if not np.all(np.isfinite(t)) or np.any(t < 0) or np.any(t > self.config.decoder.max_timestep):
             raise ValueError(f"t={t.tolist()} is outside [0, {self.config.decoder.max_timestep}]")
         flags = np.zeros((batch,), bool) if unconditional is None else np.broadcast_to(np.asarray(unconditional, bool), (batch,)).copy()
         if noised.shape[0] != batch:
@@ -205,12 +208,16 @@ class FlexTok:
 
     def _check_images(self, images: Any) -> np.ndarray:
         array = np.asarray(images)
+        if array.dtype == jnp.bfloat16:
+            array = array.astype(np.float32)
         if array.ndim == 3:
             raise ValueError(f"images have shape {array.shape}; pass a batch [B, H, W, 3] (add a leading axis)")
         if array.ndim != 4 or array.shape[-1] != 3:
             raise ValueError(f"images have shape {array.shape}; expected [B, H, W, 3] with 3 RGB channels, channels last")
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"images have dtype {array.dtype}; pass floats in [-1, 1] (for uint8, use x / 127.5 - 1)")
+        if array.shape[0] == 0:
+            raise ValueError(f"images have shape {array.shape}, an empty batch; pass at least one image")
         multiple = self.config.vae.downsample_factor * self.config.encoder.patch_size
         height, width = array.shape[1:3]
         if height % multiple or width % multiple or height == 0 or width == 0:
@@ -234,6 +241,8 @@ class FlexTok:
             raise ValueError(f"{name} grid {array.shape[1]}x{array.shape[2]} is not a multiple of the patch size {patch}")
         if array.shape[1] > grid[0] * patch or array.shape[2] > grid[1] * patch:
             raise ValueError(f"{name} grid {array.shape[1]}x{array.shape[2]} exceeds the model's {grid[0] * patch}x{grid[1] * patch}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} contain {int(np.sum(~np.isfinite(array)))} NaN or infinite values")
         return array
 
     def _check_tokens(self, tokens: Any, lengths: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from flextok_jax.config import ConfigError, FlexTokConfig
+from flextok_jax.files import make_public_dir
 from flextok_jax.model import FlexTokModel
 
 logger = logging.getLogger("flextok_jax.checkpoint")
@@ -35,11 +36,30 @@ def is_converted_dir(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
-def save_converted(model: FlexTokModel, hydra_tree: dict[str, Any] | None, out_dir: str | Path) -> Path:
-    """Write `model` to `out_dir`, replacing it only once the new copy is complete."""
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Raise unless `out_dir` is new, empty, or a converted directory that may be replaced."""
+    if not out_dir.exists():
+        return
+    if is_converted_dir(out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already contains a converted model; pass --overwrite (overwrite=True) to replace it")
+        return
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        return
+    raise FileExistsError(f"{out_dir} exists and is not a flextok-jax model directory; choose a new output path")
+
+
+def save_converted(model: FlexTokModel, hydra_tree: dict[str, Any] | None, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` to `out_dir`, replacing it only once the new copy is complete.
+
+    An existing `out_dir` must be empty, or a converted directory with `overwrite` set:
+    nothing else is ever deleted.
+    """
     out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    make_public_dir(staging)
     try:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         checkpointer = ocp.StandardCheckpointer()
@@ -50,6 +70,7 @@ def save_converted(model: FlexTokModel, hydra_tree: dict[str, Any] | None, out_d
         if hydra_tree is not None:
             (staging / HYDRA_FILE).write_text(json.dumps(hydra_tree, indent=2))
         if out_dir.exists():
+            # check_output_dir allowed this: an empty or a converted directory.
             backup = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(out_dir, backup)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import shutil
 import sys
-import tempfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -40,15 +42,10 @@ def _progress(total: int, desc: str, initial: int = 0):
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from flextok_jax.files import atomic_write
+
+    with atomic_write(path) as handle:
+        np.savez(handle, **arrays)
 
 
 def _guidance_args(parser: argparse.ArgumentParser) -> None:
@@ -74,15 +71,67 @@ def _row_noise(seed: int, rows: Sequence[int], shape: tuple[int, int, int]) -> n
 # --- tokenize ------------------------------------------------------------------------------
 
 
-def _read_parts(parts_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
+def _model_id(name: str) -> str:
+    """The model argument as stored in output files: local paths resolved, hub ids as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _check_image_size(size: int | None) -> None:
+    if size is not None and (size < 16 or size % 16):
+        raise CommandError(f"--image-size {size} is invalid; pass a positive multiple of 16 pixels")
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Fail before any model work when the output location cannot be written."""
+    parent = path.parent if path.parent != Path("") else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"cannot create the folder of {what} {path}: {err.strerror or err}") from err
+    if not os.access(parent, os.W_OK):
+        raise CommandError(f"{what} {path} is not writable; choose another location")
+
+
+def _load_token_file(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Read a .npz written by `tokenize` (a finished output or one batch file)."""
+    if not zipfile.is_zipfile(path):
+        raise CommandError(f"{what} {path} is not an .npz file written by 'flextok-jax tokenize'")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: np.asarray(data[key]) for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CommandError(f"cannot read {what} {path}: {err}") from err
+    missing = [key for key in ("tokens", "paths", "model") if key not in arrays]
+    if missing:
+        raise CommandError(f"{what} {path} has no {', '.join(missing)} entry; it was not written by 'flextok-jax tokenize'")
+    tokens, paths = arrays["tokens"], arrays["paths"]
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise CommandError(f"{what} {path} has tokens of shape {tokens.shape} and dtype {tokens.dtype}; expected int [N, R]")
+    if paths.shape != (tokens.shape[0],):
+        raise CommandError(f"{what} {path} has {paths.size} paths for {tokens.shape[0]} token rows")
+    return arrays
+
+
+def _run_settings(args: argparse.Namespace, image_size: int | None) -> dict[str, str]:
+    """What must match for a resumed tokenize run to continue an earlier one."""
+    return {"model": _model_id(args.model), "image_size": str(image_size or "default"), "dtype": args.dtype}
+
+
+def _resume_rows(out: Path, parts_dir: Path, settings: dict[str, str]) -> dict[str, np.ndarray]:
+    """Rows already tokenized into `out` or into finished batch files, checked against `settings`."""
+    files = ([out] if out.exists() else []) + (sorted(parts_dir.glob("part-*.npz")) if parts_dir.is_dir() else [])
     done: dict[str, np.ndarray] = {}
-    model = None
-    for part in sorted(parts_dir.glob("part-*.npz")):
-        with np.load(part) as data:
-            model = str(data["model"])
-            for path, row in zip(data["paths"], data["tokens"]):
-                done[str(path)] = row
-    return done, model
+    for path in files:
+        data = _load_token_file(path, "existing output")
+        for key, expected in settings.items():
+            found = str(data[key]) if key in data else "unknown"
+            if found != expected:
+                raise CommandError(
+                    f"{path} was tokenized with {key} {found}, not {expected}; pass --overwrite to start over, or use another --out"
+                )
+        done.update({str(p): row for p, row in zip(data["paths"], data["tokens"])})
+    return done
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -94,9 +143,11 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         raise CommandError(f"--batch-size {args.batch_size} is invalid; pass a positive number of images")
     if args.limit is not None and args.limit < 1:
         raise CommandError(f"--limit {args.limit} is invalid; pass a positive number of images")
+    _check_image_size(args.image_size)
+    _check_writable(out, "output")
     try:
         paths = [str(p) for p in find_images(args.paths)]
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
         raise CommandError(str(err)) from err
     if not paths:
         raise CommandError(f"no images found in {' '.join(args.paths)}")
@@ -105,22 +156,20 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         shutil.rmtree(parts_dir, ignore_errors=True)
         out.unlink(missing_ok=True)
 
-    # Resume: rows already in the output file or in finished batch files are kept.
-    done: dict[str, np.ndarray] = {}
-    if out.exists():
-        with np.load(out) as data:
-            done.update({str(p): row for p, row in zip(data["paths"], data["tokens"])})
-            previous_model = str(data["model"])
-        if previous_model != args.model:
-            raise CommandError(f"{out} contains tokens of model {previous_model}, not {args.model}; pass --overwrite or another --out")
-    if parts_dir.is_dir():
-        parts, parts_model = _read_parts(parts_dir)
-        if parts_model is not None and parts_model != args.model:
-            raise CommandError(f"{parts_dir} contains tokens of model {parts_model}, not {args.model}; pass --overwrite")
-        done.update(parts)
+    # Resume: rows already in the output file or in finished batch files are kept,
+    # provided they come from the same inputs and settings.
+    settings = _run_settings(args, args.image_size)
+    done = _resume_rows(out, parts_dir, settings)
+    foreign = [p for p in done if p not in set(paths)]
+    if foreign:
+        raise CommandError(
+            f"{out} already contains tokens of {len(foreign)} file(s) that are not among the inputs, such as {foreign[0]}; "
+            "pass --overwrite to replace it, or use another --out"
+        )
     todo = [p for p in paths if p not in done]
     if done:
         logger.info("resuming: %d of %d images already tokenized", len(paths) - len(todo), len(paths))
+    initial = len(paths) - len(todo)
     if args.limit is not None:
         todo = todo[: args.limit]
 
@@ -128,9 +177,10 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if todo:
         model = _load_model(args.model, args.dtype)
         size = args.image_size or model.image_size
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        next_part = len(list(parts_dir.glob("part-*.npz")))
-        progress = _progress(len(paths), "tokenize", initial=len(paths) - len(todo) - 0)
+        if size > model.image_size:
+            raise CommandError(f"--image-size {size} exceeds this model's maximum of {model.image_size} pixels")
+        next_part = len(list(parts_dir.glob("part-*.npz"))) if parts_dir.is_dir() else 0
+        progress = _progress(len(paths), "tokenize", initial=initial)
 
         def read(path: str):
             try:
@@ -141,40 +191,43 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         with ThreadPoolExecutor(max_workers=4) as pool:
             for start in range(0, len(todo), args.batch_size):
                 batch_paths = todo[start : start + args.batch_size]
-                images, kept = [], []
+                images, readable = [], []
                 for path, (image, error) in zip(batch_paths, pool.map(read, batch_paths)):
                     if error is not None:
                         failed.append((path, error))
-                        logger.warning("skipping %s", error)
+                        logger.info("skipping %s", error)
                         continue
                     images.append(image)
-                    kept.append(path)
+                    readable.append(path)
                 if images:
                     tokens = np.asarray(model.tokenize(np.stack(images)), np.int32)
                     _atomic_savez(
                         parts_dir / f"part-{next_part:06d}.npz",
                         tokens=tokens,
-                        paths=np.asarray(kept),
-                        model=np.asarray(args.model),
+                        paths=np.asarray(readable),
+                        **{key: np.asarray(value) for key, value in settings.items()},
                     )
                     next_part += 1
-                    done.update(zip(kept, tokens))
+                    done.update(zip(readable, tokens))
                 progress.update(len(batch_paths))
         progress.close()
 
-    remaining = [p for p in paths if p not in done and p not in {f for f, _ in failed}]
+    failed_paths = {path for path, _ in failed}
+    remaining = [p for p in paths if p not in done and p not in failed_paths]
     finished = [p for p in paths if p in done]
     if finished and not remaining:
         _atomic_savez(
             out,
             tokens=np.stack([done[p] for p in finished]).astype(np.int32),
             paths=np.asarray(finished),
-            model=np.asarray(args.model),
+            **{key: np.asarray(value) for key, value in settings.items()},
         )
         shutil.rmtree(parts_dir, ignore_errors=True)
         print(f"wrote {len(finished)} token rows to {out}")
     elif remaining:
         print(f"stopped with {len(remaining)} images left; run the same command again to continue", file=sys.stderr)
+    else:
+        print(f"no image could be read, so {out} was not written", file=sys.stderr)
 
     if failed:
         print(f"{len(failed)} file(s) could not be read and were skipped:", file=sys.stderr)
@@ -186,33 +239,78 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 # --- detokenize ----------------------------------------------------------------------------
 
+SETTINGS_FILE = ".flextok-detokenize.json"
 
-def cmd_detokenize(args: argparse.Namespace) -> int:
+
+def _check_sampler_args(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise CommandError(f"--steps {args.steps} is invalid; pass a positive number of Euler steps")
+    if not math.isfinite(args.guidance):
+        raise CommandError(f"--guidance {args.guidance} is invalid; pass a finite scale such as 7.5")
+    if not 0 <= args.seed < 2**32:
+        raise CommandError(f"--seed {args.seed} is invalid; pass an integer in [0, 2^32)")
+
+
+def _save_image(image: np.ndarray, path: Path) -> None:
     from flextok_jax.images import save_png
 
+    try:
+        save_png(image, path)
+    except OSError as err:
+        raise CommandError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def cmd_detokenize(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError(f"--batch-size {args.batch_size} is invalid; pass a positive number of rows")
-    try:
-        with np.load(args.tokens) as data:
-            tokens = np.asarray(data["tokens"])
-            sources = [str(p) for p in data["paths"]] if "paths" in data.files else None
-    except (OSError, ValueError, KeyError) as err:
-        raise CommandError(f"cannot read token file {args.tokens}: {err}; pass a .npz written by 'flextok-jax tokenize'") from err
-    if tokens.ndim != 2:
-        raise CommandError(f"{args.tokens} contains tokens of shape {tokens.shape}; expected [N, R]")
-
-    model = _load_model(args.model, args.dtype)
+    _check_sampler_args(args)
+    data = _load_token_file(Path(args.tokens), "token file")
+    tokens = data["tokens"]
+    sources = [str(p) for p in data["paths"]]
+    if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+        raise CommandError(f"token file {args.tokens} has shape {tokens.shape}; it contains no tokens")
     k = args.k if args.k is not None else tokens.shape[1]
-    if not 1 <= k <= min(tokens.shape[1], model.num_registers):
-        raise CommandError(f"--k {k} is invalid; pass a token count in [1, {min(tokens.shape[1], model.num_registers)}]")
+    if not 1 <= k <= tokens.shape[1]:
+        raise CommandError(f"--k {k} is invalid; the token file has {tokens.shape[1]} tokens per row")
+
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir / "x", "output folder")
+    settings = {
+        "tokens": str(Path(args.tokens).resolve()),
+        "model": _model_id(args.model),
+        "k": k,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "apg": not args.no_apg,
+        "seed": args.seed,
+    }
+    settings_file = out_dir / SETTINGS_FILE
+    if settings_file.exists() and not args.overwrite:
+        try:
+            previous = json.loads(settings_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous != settings:
+            raise CommandError(
+                f"{out_dir} contains images decoded with other settings ({settings_file}); "
+                "pass --overwrite to decode them again, or choose another --out"
+            )
+
+    stored_model = str(data["model"])
+    if stored_model != settings["model"]:
+        logger.warning("%s was tokenized with model %s, not %s", args.tokens, stored_model, settings["model"])
+    model = _load_model(args.model, args.dtype)
+    if tokens.shape[1] > model.num_registers:
+        raise CommandError(f"token file {args.tokens} has {tokens.shape[1]} tokens per row, but this model has {model.num_registers}")
+
+    from flextok_jax.files import atomic_write_text
+
+    atomic_write_text(settings_file, json.dumps(settings, indent=2))
 
     def name(i: int) -> Path:
-        stem = Path(sources[i]).stem if sources else "image"
-        return out_dir / f"{i:06d}-{stem}.png"
+        return out_dir / f"{i:06d}-{Path(sources[i]).stem}.png"
 
-    todo = [i for i in range(len(tokens)) if not name(i).exists()]
+    todo = [i for i in range(len(tokens)) if args.overwrite or not name(i).exists()]
     latent_side = model.image_size // model.config.vae.downsample_factor
     shape = (latent_side, latent_side, model.config.vae.latent_channels)
     progress = _progress(len(tokens), "detokenize", initial=len(tokens) - len(todo))
@@ -227,12 +325,13 @@ def cmd_detokenize(args: argparse.Namespace) -> int:
                 noise=_row_noise(args.seed, rows, shape),
             )
         except ValueError as err:
-            raise CommandError(f"rows {rows[0]}..{rows[-1]} of {args.tokens}: {err}") from err
+            raise CommandError(f"token rows {rows[0]}..{rows[-1]} of {args.tokens}: {err}") from err
         for row, image in zip(rows, np.asarray(images)):
-            save_png(image, name(row))
+            _save_image(image, name(row))
         progress.update(len(rows))
     progress.close()
-    print(f"wrote {len(tokens)} images to {out_dir}")
+    kept = len(tokens) - len(todo)
+    print(f"wrote {len(todo)} images to {out_dir}" + (f" (kept {kept} existing)" if kept else ""))
     return 0
 
 
@@ -240,15 +339,27 @@ def cmd_detokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from flextok_jax.images import ImageReadError, load_image, make_grid, save_png
+    from flextok_jax.images import ImageReadError, load_image, make_grid
+
+    _check_sampler_args(args)
+    _check_image_size(args.image_size)
+    for k in args.k or []:
+        if k < 1:
+            raise CommandError(f"--k {k} is invalid; pass token counts of at least 1")
+    out = Path(args.out)
+    _check_writable(out, "output")
+    if not Path(args.image).is_file():
+        raise CommandError(f"image file {args.image} not found")
 
     model = _load_model(args.model, args.dtype)
     registers = model.num_registers
     ks = args.k or [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= registers]
     for k in ks:
-        if not 1 <= k <= registers:
+        if k > registers:
             raise CommandError(f"--k {k} is invalid; this model has {registers} tokens per image")
     size = args.image_size or model.image_size
+    if size > model.image_size:
+        raise CommandError(f"--image-size {size} exceeds this model's maximum of {model.image_size} pixels")
     try:
         image = load_image(args.image, size)
     except ImageReadError as err:
@@ -267,7 +378,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         noise=np.repeat(noise, len(ks), axis=0),
     )
     grid = make_grid([image, *np.asarray(recon)], ["original", *[f"k={k}" for k in ks]])
-    save_png(grid, Path(args.out))
+    _save_image(grid, out)
     print(f"wrote {args.out}: the original and reconstructions from the first {', '.join(map(str, ks))} tokens")
     return 0
 
@@ -278,7 +389,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from convert.command import run_convert
 
-    return run_convert(args.src, args.out, to_pytorch=args.to_pytorch, dtype=args.param_dtype)
+    return run_convert(args.src, args.out, to_pytorch=args.to_pytorch, dtype=args.param_dtype, overwrite=args.overwrite)
 
 
 # --- Parser --------------------------------------------------------------------------------
@@ -316,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the PNGs; existing PNGs are kept and skipped")
     p.add_argument("--k", type=int, default=None, help="decode from the first K tokens of each row (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per device call (default 16)")
+    p.add_argument("--overwrite", action="store_true", help="decode every row again, replacing PNGs made with other settings")
     _guidance_args(p)
     p.set_defaults(func=cmd_detokenize)
 
@@ -338,6 +450,7 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="PyTorch checkpoint (hub directory or .safetensors), or with --to-pytorch a converted directory")
     p.add_argument("out", help="output directory; with --to-pytorch a .safetensors file or a hub-style directory")
     p.add_argument("--to-pytorch", action="store_true", help="write PyTorch-layout safetensors with the config in metadata")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing converted model or PyTorch file at OUT")
     p.add_argument(
         "--param-dtype", choices=("float32", "float16", "bfloat16"), default=None, help="cast parameters (default: keep the source dtype)"
     )
@@ -348,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    # force: importing orbax configures the root logger through absl first.
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s", force=True)
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from flextok_jax.files import atomic_write
 
 # Lower-case file suffixes that `find_images` picks up inside directories.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -82,17 +83,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is `size` (bicubic), then crop the central size x size square."""
+    """Resize so the shorter side is `size` (bicubic), then crop the central size x size square.
+
+    Only the cropped region is resampled (Pillow's `box`), which gives the pixels of a
+    full resize followed by a crop without building the full resized image, so a very
+    wide panorama costs no more memory than a square one.
+    """
     width, height = img.size
     scale = size / min(width, height)
     new_width = max(size, round(width * scale))
     new_height = max(size, round(height * scale))
-    if (new_width, new_height) != (width, height):
-        img = img.resize((new_width, new_height), Image.Resampling.BICUBIC)
-
     left = (new_width - size) // 2
     top = (new_height - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    if (new_width, new_height) == (width, height):
+        return img.crop((left, top, left + size, top + size))
+
+    # The crop window in source pixel coordinates.
+    scale_x = new_width / width
+    scale_y = new_height / height
+    box = (left / scale_x, top / scale_y, (left + size) / scale_x, (top + size) / scale_y)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
 def load_image(path: str | Path, size: int = 256) -> np.ndarray:
@@ -218,30 +228,12 @@ def _check_hwc(image: np.ndarray, name: str) -> None:
 def save_png(image: np.ndarray, path: str | Path) -> None:
     """Write one [H, W, 3] image (float in [-1, 1] or uint8) to `path` as PNG, atomically.
 
-    The PNG is written to a temporary file in the target directory and then
-    renamed over `path`, so readers never see a partial file. Missing parent
-    directories are created.
+    Readers never see a partial file, and missing parent directories are created.
     """
     pixels = to_uint8(image)
     _check_hwc(pixels, "image")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    # The temp file must sit in the same directory because os.replace is only
-    # atomic within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp_file:
-            Image.fromarray(pixels).save(tmp_file, format="PNG")
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        # mkstemp creates the file owner-only (0600), so give it the usual mode of a new file.
-        # NOTE: this ignores a umask stricter than 022.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        Image.fromarray(pixels).save(handle, format="PNG")
 
 
 @functools.cache

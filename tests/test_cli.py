@@ -225,7 +225,7 @@ def golden_detokenized(cli, golden, golden_pngs, workdir):
 
 def test_detokenize_files(golden_detokenized, golden):
     out, _ = golden_detokenized
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.glob("*.png"))
     expected = [f"{i:06d}-golden{i}.png" for i in range(len(golden["tokens"]))]
     assert names == expected, f"output folder contains {names}"
     for name in names:
@@ -255,7 +255,7 @@ def test_detokenize_resume(golden_detokenized, cli, workdir):
     original = read_png(deleted)
     deleted.unlink()
     old_time = 1_000_000_000  # a fixed past mtime, so any rewrite is visible
-    existing = sorted(out.iterdir())
+    existing = sorted(out.glob("*.png"))
     for path in existing:
         os.utime(path, (old_time, old_time))
 
@@ -552,3 +552,37 @@ def test_convert_same_tokens(converted, api_tokens, photo_paths):
     tokens = np.asarray(FlexTok.from_pretrained(converted_dir).tokenize(load_images(photo_paths, SIZE)))
     mismatched = np.argwhere(tokens != api_tokens)
     assert mismatched.size == 0, f"converted model's tokens differ at (row, position) {mismatched[:5].tolist()}"
+
+
+
+def test_detokenize_rejects_other_settings(golden_detokenized, cli, workdir):
+    out, args = golden_detokenized
+    copy = workdir / "settings_copy"
+    shutil.copytree(out, copy)
+    before = {path.name: path.read_bytes() for path in copy.glob("*.png")}
+    proc = cli("detokenize", args[1], "--model", TINY, "--out", copy, "--k", "4", "--steps", "1")
+    assert proc.returncode != 0, "detokenize with other settings into a used folder exited 0"
+    assert "--overwrite" in proc.stderr, f"error does not mention --overwrite: {describe(proc)}"
+    after = {path.name: path.read_bytes() for path in copy.glob("*.png")}
+    assert after == before, "existing PNGs changed although the run was rejected"
+
+
+def test_tokenize_rejects_other_inputs(cli, full_run, workdir):
+    out = workdir / "other_inputs.npz"
+    shutil.copy(workdir / "full.npz", out)
+    photo = workdir / "single" / "astronaut.png"
+    save_photo("astronaut", photo)
+    proc = cli("tokenize", photo, "--model", TINY, "--out", out)
+    assert proc.returncode != 0, "tokenize into a file of other inputs exited 0"
+    assert "--overwrite" in proc.stderr, f"error does not mention --overwrite: {describe(proc)}"
+    after, before = read_npz(out), full_run[1]
+    assert np.array_equal(after["tokens"], before["tokens"]), "the rejected run changed the existing tokens"
+
+
+def test_convert_keeps_existing_folder(cli, workdir):
+    target = workdir / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    proc = cli("convert", TINY, target)
+    assert proc.returncode != 0, "convert into a non-empty folder exited 0"
+    assert (target / "notes.txt").read_text() == "keep me", "convert changed a file in the existing folder"

@@ -76,7 +76,9 @@ def test_load_non_square_photo_center_crop(tmp_path):
     image = load_image(path, 256)
     assert image.shape == (256, 256, 3), f"shape {image.shape}"
     diff = max_diff(image, expected_pipeline(Image.fromarray(photo("chelsea")), 256))
-    assert diff == 0.0, f"max abs diff {diff}"
+    # Resampling only the crop window rounds the filter positions differently from a
+    # full resize, by at most one uint8 level.
+    assert diff <= 1.0 / 127.5 + 1e-6, f"max abs diff {diff}"
 
 
 def test_load_center_crop_picks_middle_third(tmp_path):

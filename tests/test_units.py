@@ -363,3 +363,30 @@ def test_rejects_infinite_guidance(flextok):
     with pytest.raises(ValueError) as err:
         flextok.detokenize_latents(random_tokens(flextok, 1), steps=2, guidance_scale=float("inf"))
     assert_names(err, "inf")
+
+
+def test_rejects_nan_noise(flextok):
+    noise = np.full((1, 16, 16, 16), np.nan, np.float32)
+    with pytest.raises(ValueError) as err:
+        flextok.detokenize_latents(random_tokens(flextok, 1), steps=1, noise=noise)
+    assert_names(err, "NaN")
+
+
+def test_rejects_nan_time(flextok):
+    latents = np.zeros((1, 16, 16, 16), np.float32)
+    with pytest.raises(ValueError) as err:
+        flextok.velocity(latents, [float("nan")], random_tokens(flextok, 1))
+    assert_names(err, "nan")
+
+
+def test_rejects_empty_image_batch(flextok):
+    with pytest.raises(ValueError) as err:
+        flextok.tokenize(np.zeros((0, 128, 128, 3), np.float32))
+    assert_names(err, "empty")
+
+
+def test_accepts_bfloat16_images(flextok):
+    pixels = images((1, 128, 128, 3), low=-0.5, high=0.5)
+    from_bf16 = np.asarray(flextok.tokenize(pixels.astype(jax.numpy.bfloat16)))
+    from_f32 = np.asarray(flextok.tokenize(pixels.astype(jax.numpy.bfloat16).astype(np.float32)))
+    assert np.array_equal(from_bf16, from_f32), "bfloat16 images tokenize differently from their float32 copy"
