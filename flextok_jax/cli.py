@@ -72,7 +72,7 @@ def _row_noise(seed: int, rows: Sequence[int], shape: tuple[int, int, int]) -> n
 
 
 def _model_id(name: str) -> str:
-    """The model argument as stored in output files: local paths resolved, hub ids as given."""
+    """Normalize the model argument for output files: resolve local paths, keep hub ids as given."""
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 
@@ -114,13 +114,17 @@ def _load_token_file(path: Path, what: str) -> dict[str, np.ndarray]:
 
 
 def _run_settings(args: argparse.Namespace, image_size: int | None) -> dict[str, str]:
-    """What must match for a resumed tokenize run to continue an earlier one."""
+    """Collect the settings that a resumed tokenize run must share with the earlier one."""
     return {"model": _model_id(args.model), "image_size": str(image_size or "default"), "dtype": args.dtype}
 
 
 def _resume_rows(out: Path, parts_dir: Path, settings: dict[str, str]) -> dict[str, np.ndarray]:
-    """Rows already tokenized into `out` or into finished batch files, checked against `settings`."""
-    files = ([out] if out.exists() else []) + (sorted(parts_dir.glob("part-*.npz")) if parts_dir.is_dir() else [])
+    """Load the rows already tokenized into `out` or into finished batch files, checking `settings`."""
+    files = []
+    if out.exists():
+        files.append(out)
+    if parts_dir.is_dir():
+        files.extend(sorted(parts_dir.glob("part-*.npz")))
     done: dict[str, np.ndarray] = {}
     for path in files:
         data = _load_token_file(path, "existing output")
