@@ -361,9 +361,12 @@ def _as_key(rng: jax.Array | int | None) -> jax.Array:
         return jax.random.PRNGKey(DEFAULT_SEED)
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
         return jax.random.PRNGKey(int(rng))
-    if isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or (rng.dtype == jnp.uint32 and rng.shape == (2,))):
-        return rng
-    raise ValueError(f"rng={rng!r} is not a PRNG key; pass jax.random.PRNGKey(seed) or an integer seed")
+    if isinstance(rng, jax.Array):
+        typed_key = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ()
+        raw_key = rng.dtype == jnp.uint32 and rng.shape == (2,)
+        if typed_key or raw_key:
+            return rng
+    raise ValueError(f"rng={rng!r} is not a single PRNG key; pass jax.random.PRNGKey(seed) or an integer seed")
 
 
 def _image_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:

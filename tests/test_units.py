@@ -8,12 +8,13 @@ import re
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from flextok_jax.api import FlexTok, bucket_size
 from flextok_jax.embeddings import crop_grid_table, patchify, timestep_embedding, unpatchify
 from flextok_jax.fsq import FSQ
 from flextok_jax.masks import causal_last_mask, full_mask
-from tests.conftest import golden_path
+from tests.conftest import golden_path, load_golden, nchw_to_nhwc, rel_error
 
 LEVELS = (8, 8, 8, 5, 5, 5)
 
@@ -390,3 +391,59 @@ def test_accepts_bfloat16_images(flextok):
     from_bf16 = np.asarray(flextok.tokenize(pixels.astype(jax.numpy.bfloat16)))
     from_f32 = np.asarray(flextok.tokenize(pixels.astype(jax.numpy.bfloat16).astype(np.float32)))
     assert np.array_equal(from_bf16, from_f32), "bfloat16 images tokenize differently from their float32 copy"
+
+
+def test_rejects_batched_keys(flextok):
+    keys = jax.random.split(jax.random.key(0), 2)
+    with pytest.raises(ValueError) as err:
+        flextok.detokenize_latents(random_tokens(flextok, 2), steps=1, rng=keys)
+    assert "single PRNG key" in str(err.value), f"message {str(err.value)!r} does not explain the key shape"
+
+
+def test_bfloat16_compute_close():
+    golden = load_golden("tiny")
+    model = FlexTok.from_pretrained(golden_path("tiny"), dtype="bfloat16")
+    latents = model.detokenize_latents(
+        golden["tokens"], golden["detok_lengths"], steps=4, guidance_scale=7.5, apg=True, noise=nchw_to_nhwc(golden["init_noise"])
+    )
+    err = rel_error(latents, nchw_to_nhwc(golden["detok_steps4_apg7.5_latents"]))
+    print(f"bfloat16 compute: detok_steps4_apg7.5_latents rel_err={err:.2e}")
+    # bfloat16 keeps 8 mantissa bits, so about 1e-2 is the expected scale of the error.
+    assert err <= 5e-2, f"bfloat16 latents are {err:.2e} from the float32 reference"
+
+
+def test_save_refuses_foreign_folder(flextok, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError) as err:
+        flextok.save(tmp_path)
+    assert str(tmp_path) in str(err.value), f"message does not name the folder: {err.value}"
+    assert (tmp_path / "notes.txt").read_text() == "keep me", "save changed a file in a foreign folder"
+
+
+def test_save_overwrite_replaces_model(flextok, tmp_path):
+    out = tmp_path / "converted"
+    flextok.save(out)
+    with pytest.raises(FileExistsError):
+        flextok.save(out)
+    flextok.save(out, overwrite=True)
+    reloaded = FlexTok.from_pretrained(out)
+    pixels = images((2, 128, 128, 3))
+    assert np.array_equal(np.asarray(reloaded.tokenize(pixels)), np.asarray(flextok.tokenize(pixels))), "reloaded model tokenizes differently"
+
+
+def test_sampled_posterior_uses_rng():
+    import dataclasses
+
+    from flextok_jax.model import FlexTokModel
+
+    base = FlexTok.from_pretrained(golden_path("tiny")).model
+    config = dataclasses.replace(base.cfg, vae=dataclasses.replace(base.cfg.vae, sample_posterior=True))
+    sampling = FlexTokModel(config, rngs=nnx.Rngs(0))
+    nnx.update(sampling, nnx.state(base))
+    model = FlexTok(sampling)
+    pixels = images((2, 128, 128, 3))
+    first = np.asarray(model.encode_latents(pixels, rng=jax.random.PRNGKey(1)))
+    again = np.asarray(model.encode_latents(pixels, rng=jax.random.PRNGKey(1)))
+    other = np.asarray(model.encode_latents(pixels, rng=jax.random.PRNGKey(2)))
+    assert np.array_equal(first, again), "the same key sampled different latents"
+    assert not np.array_equal(first, other), "different keys sampled the same latents"
