@@ -192,11 +192,16 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
             except ImageReadError as err:
                 return None, str(err)
 
+        batches = [todo[start : start + args.batch_size] for start in range(0, len(todo), args.batch_size)]
         with ThreadPoolExecutor(max_workers=4) as pool:
-            for start in range(0, len(todo), args.batch_size):
-                batch_paths = todo[start : start + args.batch_size]
+            # Decode the next batch's files while the device tokenizes the current one.
+            pending = [pool.submit(read, path) for path in batches[0]]
+            for index, batch_paths in enumerate(batches):
+                results = [future.result() for future in pending]
+                if index + 1 < len(batches):
+                    pending = [pool.submit(read, path) for path in batches[index + 1]]
                 images, readable = [], []
-                for path, (image, error) in zip(batch_paths, pool.map(read, batch_paths)):
+                for path, (image, error) in zip(batch_paths, results):
                     if error is not None:
                         failed.append((path, error))
                         logger.info("skipping %s", error)
