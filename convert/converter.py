@@ -227,9 +227,10 @@ def load_flextok(source: str | Path, *, dtype: str | None = None, compute_dtype=
     def factory():
         return FlexTokModel(config, rngs=nnx.Rngs(0), dtype=compute_dtype)
 
-    plan = plan_conversion(shapes, abstract_params(factory), FLEXTOK_PREFIXES)
+    param_dtype = _param_dtype(dtype)
     source_dtypes = _source_dtypes(handle)
-    model = _fill(factory, handle, plan, _param_dtype(dtype))
+    plan = plan_conversion(shapes, abstract_params(factory), FLEXTOK_PREFIXES)
+    model = _fill(factory, handle, plan, param_dtype)
     logger.info("converted %d tensors (%s) from %s", len(plan), ", ".join(source_dtypes), weights)
     return LoadedCheckpoint(model=model, config=config, source_config=dict(tree), source_dtypes=source_dtypes)
 
@@ -251,9 +252,10 @@ def load_vae(source: str | Path, *, dtype: str | None = None, compute_dtype=None
     def factory():
         return AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=compute_dtype)
 
-    plan = plan_conversion(_read_shapes(handle), abstract_params(factory), VAE_PREFIXES)
+    param_dtype = _param_dtype(dtype)
     source_dtypes = _source_dtypes(handle)
-    model = _fill(factory, handle, plan, _param_dtype(dtype))
+    plan = plan_conversion(_read_shapes(handle), abstract_params(factory), VAE_PREFIXES)
+    model = _fill(factory, handle, plan, param_dtype)
     logger.info("converted %d VAE tensors (%s) from %s", len(plan), ", ".join(source_dtypes), source)
     return LoadedCheckpoint(model=model, config=config, source_config=raw, source_dtypes=source_dtypes)
 

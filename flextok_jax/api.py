@@ -356,7 +356,7 @@ class FlexTok:
 
 
 def _as_key(rng: jax.Array | int | None) -> jax.Array:
-    """A PRNG key from a key, an integer seed, or None (the default seed)."""
+    """Convert a key, an integer seed, or None (the default seed) to a PRNG key."""
     if rng is None:
         return jax.random.PRNGKey(DEFAULT_SEED)
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):

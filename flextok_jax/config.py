@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -251,7 +251,7 @@ _DECODER_IGNORED = {"dec_noise_channels_to_last", "dec_repa_unpacker", "dec_unpa
 def parse_metadata_tree(metadata: Mapping[str, str]) -> dict[str, Any]:
     """Rebuild the hydra tree from safetensors metadata.
 
-    Each top-level key holds the Python `repr` of a dict. `ast.literal_eval` accepts
+    Each top-level key contains the Python `repr` of a dict. `ast.literal_eval` accepts
     only literals, so a crafted entry cannot run code.
     """
     missing = [key for key in HYDRA_TOP_LEVEL[:4] if key not in metadata]
@@ -356,9 +356,9 @@ def _patch_size(node: Mapping[str, Any], path: str) -> int:
 def config_from_hydra(tree: Mapping[str, Any], vae: VAEConfig | None = None) -> FlexTokConfig:
     """Build a FlexTokConfig from the reference's hydra tree.
 
-    `vae` gives the AutoencoderKL shape when it is known from elsewhere (a diffusers
-    config or the checkpoint's weight shapes); otherwise the released defaults are
-    used with the tree's latent channels and scaling factor.
+    `vae` gives the AutoencoderKL shape when it is known from elsewhere, such as a
+    diffusers config or the checkpoint's weight shapes. Without it, the released
+    defaults are used with the tree's latent channels and scaling factor.
     """
     if not isinstance(tree, Mapping):
         raise ConfigError(f"config tree is {type(tree).__name__}, expected a dict")
@@ -505,11 +505,3 @@ def vae_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str, b
         use_post_quant_conv=f"{prefix}post_quant_conv.weight" in shapes,
         mid_block_add_attention=f"{prefix}encoder.mid_block.attentions.0.to_q.weight" in shapes,
     )
-
-
-@dataclass(frozen=True)
-class HydraSource:
-    """A hydra tree plus the config derived from it."""
-
-    tree: dict[str, Any] = field(repr=False)
-    config: FlexTokConfig

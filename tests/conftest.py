@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+
+from flextok_jax.config import FlexTokConfig, config_from_hydra, vae_config_from_diffusers
 
 # Parity with the float32 PyTorch reference needs full-precision matmuls on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -38,13 +42,8 @@ def load_golden(name: str) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def tiny_config(**overrides):
-    """The `tiny` golden model's FlexTokConfig, with fields of its parts replaced."""
-    import dataclasses
-
-    from flextok_jax.config import config_from_hydra, vae_config_from_diffusers
-    import json
-
+def tiny_config(**overrides) -> FlexTokConfig:
+    """Build the `tiny` golden model's FlexTokConfig, with top-level fields replaced."""
     tree = json.loads((GOLDEN_DIR / "tiny" / "config.json").read_text())
     vae = vae_config_from_diffusers(json.loads((GOLDEN_DIR / "tiny" / "vae" / "config.json").read_text()))
     config = config_from_hydra(tree, vae=vae)

@@ -32,29 +32,29 @@ def _run(devices: int, out: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("devices")
-    return _run(1, tmp / "one.npz"), _run(8, tmp / "eight.npz")
+    return _run(1, tmp / "single.npz"), _run(8, tmp / "sharded.npz")
 
 
 def test_device_counts(runs):
-    one, eight = runs
-    assert int(one["devices"]) == 1, f"single run saw {one['devices']} devices"
-    assert int(eight["devices"]) == 8, f"sharded run saw {eight['devices']} devices"
+    single, sharded = runs
+    assert int(single["devices"]) == 1, f"single run saw {single['devices']} devices"
+    assert int(sharded["devices"]) == 8, f"sharded run saw {sharded['devices']} devices"
 
 
 def test_batch_sharded_over_devices(runs):
-    _, eight = runs
-    assert "data" in str(eight["latents_sharding"]), f"output sharding is {eight['latents_sharding']}"
+    _, sharded = runs
+    assert "data" in str(sharded["latents_sharding"]), f"output sharding is {sharded['latents_sharding']}"
 
 
 def test_tokens_match_across_devices(runs):
-    one, eight = runs
-    assert np.array_equal(one["tokens"], eight["tokens"]), "tokens differ between 1 and 8 devices"
+    single, sharded = runs
+    assert np.array_equal(single["tokens"], sharded["tokens"]), "tokens differ between 1 and 8 devices"
 
 
 @pytest.mark.parametrize("key", ["latents", "other", "images"])
 def test_outputs_match_across_devices(runs, key):
-    one, eight = runs
-    err = rel_error(eight[key], one[key])
+    single, sharded = runs
+    err = rel_error(sharded[key], single[key])
     print(f"{key}: 1 vs 8 devices rel_err={err:.2e}")
     assert err <= 1e-5, f"{key} differ between 1 and 8 devices: rel_err={err:.2e}"
 

@@ -14,7 +14,7 @@ from flextok_jax.api import FlexTok, bucket_size
 from flextok_jax.embeddings import crop_grid_table, patchify, timestep_embedding, unpatchify
 from flextok_jax.fsq import FSQ
 from flextok_jax.masks import causal_last_mask, full_mask
-from tests.conftest import golden_path, load_golden, nchw_to_nhwc, rel_error
+from tests.conftest import golden_path, load_golden, nchw_to_nhwc, rel_error, tiny_config
 
 LEVELS = (8, 8, 8, 5, 5, 5)
 
@@ -437,7 +437,7 @@ def test_sampled_posterior_uses_rng():
     from flextok_jax.model import FlexTokModel
 
     base = FlexTok.from_pretrained(golden_path("tiny")).model
-    config = dataclasses.replace(base.cfg, vae=dataclasses.replace(base.cfg.vae, sample_posterior=True))
+    config = tiny_config(vae=dataclasses.replace(tiny_config().vae, sample_posterior=True))
     sampling = FlexTokModel(config, rngs=nnx.Rngs(0))
     nnx.update(sampling, nnx.state(base))
     model = FlexTok(sampling)
