@@ -169,27 +169,39 @@ class FlexTok:
         noise: starting noise [B, h, w, C]; otherwise drawn from `rng`, a PRNG key or an
         integer seed (default PRNGKey(0)). latent_size: (h, w) when no noise is given; default the model's.
         """
+        return self._sample("sample", tokens, lengths, steps, guidance_scale, apg, rng, noise, latent_size)
+
+    def detokenize(
+        self,
+        tokens: Any,
+        lengths: Any = None,
+        steps: int = 20,
+        guidance_scale: float | Callable[[float], float] = 7.5,
+        apg: bool = True,
+        rng: jax.Array | None = None,
+        noise: Any = None,
+        latent_size: tuple[int, int] | None = None,
+    ) -> jax.Array:
+        """Token ids -> images [B, H, W, 3]; the arguments are those of `detokenize_latents`.
+
+        Sampling and VAE decoding run in one jitted call, so latents never leave the devices.
+        """
+        return self._sample("detokenize", tokens, lengths, steps, guidance_scale, apg, rng, noise, latent_size)
+
+    def _sample(self, kind, tokens, lengths, steps, guidance_scale, apg, rng, noise, latent_size) -> jax.Array:
         codes, keep = self._check_tokens(tokens, lengths)
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} is invalid; pass a positive integer number of Euler steps")
         batch = codes.shape[0]
         if noise is None:
             h, w = latent_size or self._default_latent_size()
-            key = _as_key(rng)
-            noise = jax.random.normal(key, (batch, h, w, self.config.vae.latent_channels), jnp.float32)
-            noise = np.asarray(noise)
-        else:
-            noise = self._check_latents(noise, "noise")
-            if noise.shape[0] != batch:
-                raise ValueError(f"noise has batch size {noise.shape[0]} but tokens have {batch}; pass one noise map per token row")
+            noise = jax.random.normal(_as_key(rng), (batch, h, w, self.config.vae.latent_channels), jnp.float32)
+        noise = self._check_latents(noise, "noise")
+        if noise.shape[0] != batch:
+            raise ValueError(f"noise has batch size {noise.shape[0]} but tokens have {batch}; pass one noise map per token row")
         scales, guided = guidance_schedule(guidance_scale, int(steps))
         options = SamplerOptions(steps=int(steps), guided=guided, apg=bool(apg))
-        return self._run(("sample", options), codes, keep, noise, replicated=(np.asarray(scales),))
-
-    def detokenize(self, tokens: Any, lengths: Any = None, **kwargs: Any) -> jax.Array:
-        """Token ids -> images [B, H, W, 3]; takes the arguments of `detokenize_latents`."""
-        latents = self.detokenize_latents(tokens, lengths, **kwargs)
-        return self._run("decode", latents)
+        return self._run((kind, options), codes, keep, noise, replicated=(np.asarray(scales),))
 
     def velocity(self, noised_latents: Any, t: Any, tokens: Any, lengths: Any = None, unconditional: Any = None) -> jax.Array:
         """Run one decoder call: the velocity [B, h, w, C] for noised latents at times t [B] in [0, 1]."""
@@ -330,9 +342,10 @@ class FlexTok:
                 return model.vae.decode(latents)
             if name == "velocity":
                 return model.decoder(*args)
-            _, options = name
+            kind, options = name
             codes, keep, noise, scales = args
-            return sample(model.decoder, codes, keep, noise, scales, options)
+            latents = sample(model.decoder, codes, keep, noise, scales, options)
+            return latents if kind == "sample" else model.vae.decode(latents)
 
         fn = jax.jit(body, out_shardings=self._batch_sharding)
         self._compiled[name] = fn
