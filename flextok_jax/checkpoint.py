@@ -71,8 +71,8 @@ def save_converted(model: FlexTokModel, hydra_tree: dict[str, Any] | None, out_d
             (staging / HYDRA_FILE).write_text(json.dumps(hydra_tree, indent=2))
         if out_dir.exists():
             # check_output_dir allowed this: an empty or a converted directory.
-            backup = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
+            # A fresh empty directory as the rename target, so no other path is touched.
+            backup = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
             os.replace(out_dir, backup)
             os.replace(staging, out_dir)
             shutil.rmtree(backup, ignore_errors=True)
