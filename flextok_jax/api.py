@@ -254,7 +254,7 @@ class FlexTok:
         if array.shape[1] > grid[0] * patch or array.shape[2] > grid[1] * patch:
             raise ValueError(f"{name} grid {array.shape[1]}x{array.shape[2]} exceeds the model's {grid[0] * patch}x{grid[1] * patch}")
         if not np.all(np.isfinite(array)):
-            raise ValueError(f"{name} contain {int(np.sum(~np.isfinite(array)))} NaN or infinite values")
+            raise ValueError(f"{name}: {int(np.sum(~np.isfinite(array)))} values are NaN or infinite")
         return array
 
     def _check_tokens(self, tokens: Any, lengths: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -373,6 +373,8 @@ def _as_key(rng: jax.Array | int | None) -> jax.Array:
     if rng is None:
         return jax.random.PRNGKey(DEFAULT_SEED)
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        if not -(2**63) <= int(rng) < 2**63:
+            raise ValueError(f"rng={rng} is outside the 64-bit range of a PRNG seed")
         return jax.random.PRNGKey(int(rng))
     if isinstance(rng, jax.Array):
         typed_key = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ()

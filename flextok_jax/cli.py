@@ -83,14 +83,14 @@ def _check_image_size(size: int | None) -> None:
 
 
 def _check_writable(path: Path, what: str) -> None:
-    """Fail before any model work when the output location cannot be written."""
-    parent = path.parent if path.parent != Path("") else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CommandError(f"cannot create the folder of {what} {path}: {err.strerror or err}") from err
-    if not os.access(parent, os.W_OK):
-        raise CommandError(f"{what} {path} is not writable; choose another location")
+    """Fail before any model work when `path` cannot be created, without creating anything."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise CommandError(f"{what} {path} cannot be created because {ancestor} is not a writable folder")
+    if path.is_dir():
+        raise CommandError(f"{what} {path} is a folder; pass a file path")
 
 
 def _load_token_file(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -113,21 +113,24 @@ def _load_token_file(path: Path, what: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _run_settings(args: argparse.Namespace, image_size: int | None) -> dict[str, str]:
-    """Collect the settings that a resumed tokenize run must share with the earlier one."""
-    return {"model": _model_id(args.model), "image_size": str(image_size or "default"), "dtype": args.dtype}
+def _resume_rows(out: Path, parts_dir: Path, settings: dict[str, str]) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Load the rows already tokenized into `out` or into finished batch files, checking `settings`.
 
-
-def _resume_rows(out: Path, parts_dir: Path, settings: dict[str, str]) -> dict[str, np.ndarray]:
-    """Load the rows already tokenized into `out` or into finished batch files, checking `settings`."""
+    Returns the rows by source path and the image sizes the files record. A setting
+    missing from `settings` is not checked: `image_size` is left out when the command
+    line does not give one, and is then checked against the model's size later.
+    """
     files = []
     if out.exists():
         files.append(out)
     if parts_dir.is_dir():
         files.extend(sorted(parts_dir.glob("part-*.npz")))
     done: dict[str, np.ndarray] = {}
+    sizes: set[str] = set()
     for path in files:
         data = _load_token_file(path, "existing output")
+        if "image_size" in data:
+            sizes.add(str(data["image_size"]))
         for key, expected in settings.items():
             found = str(data[key]) if key in data else "unknown"
             if found != expected:
@@ -135,7 +138,7 @@ def _resume_rows(out: Path, parts_dir: Path, settings: dict[str, str]) -> dict[s
                     f"{path} was tokenized with {key} {found}, not {expected}; pass --overwrite to start over, or use another --out"
                 )
         done.update({str(p): row for p, row in zip(data["paths"], data["tokens"])})
-    return done
+    return done, sizes
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -162,8 +165,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
     # Resume: rows already in the output file or in finished batch files are kept,
     # provided they come from the same inputs and settings.
-    settings = _run_settings(args, args.image_size)
-    done = _resume_rows(out, parts_dir, settings)
+    settings = {"model": _model_id(args.model), "dtype": args.dtype}
+    if args.image_size is not None:
+        settings["image_size"] = str(args.image_size)
+    done, stored_sizes = _resume_rows(out, parts_dir, settings)
+    resumed = len(done)
+    if len(stored_sizes) > 1:
+        raise CommandError(f"{out} mixes tokens of image sizes {sorted(stored_sizes)}; pass --overwrite to start over")
     foreign = [p for p in done if p not in set(paths)]
     if foreign:
         raise CommandError(
@@ -183,6 +191,11 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         size = args.image_size or model.image_size
         if size > model.image_size:
             raise CommandError(f"--image-size {size} exceeds this model's maximum of {model.image_size} pixels")
+        if stored_sizes and stored_sizes != {str(size)}:
+            raise CommandError(
+                f"{out} was tokenized with image_size {stored_sizes.pop()}, not {size}; pass --overwrite to start over, or use another --out"
+            )
+        settings["image_size"] = str(size)
         next_part = len(list(parts_dir.glob("part-*.npz"))) if parts_dir.is_dir() else 0
         progress = _progress(len(paths), "tokenize", initial=initial)
 
@@ -225,6 +238,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     remaining = [p for p in paths if p not in done and p not in failed_paths]
     finished = [p for p in paths if p in done]
     if finished and not remaining:
+        if "image_size" not in settings:
+            settings["image_size"] = stored_sizes.pop()  # nothing was tokenized in this run
         _atomic_savez(
             out,
             tokens=np.stack([done[p] for p in finished]).astype(np.int32),
@@ -232,9 +247,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
             **{key: np.asarray(value) for key, value in settings.items()},
         )
         shutil.rmtree(parts_dir, ignore_errors=True)
-        print(f"wrote {len(finished)} token rows to {out}")
+        print(f"wrote {len(finished)} token rows to {out}" + (f" ({resumed} from earlier runs)" if resumed else ""))
     elif remaining:
-        print(f"stopped with {len(remaining)} images left; run the same command again to continue", file=sys.stderr)
+        print(f"stopped with {len(remaining)} image(s) left; run the same command again to continue", file=sys.stderr)
     else:
         print(f"no image could be read, so {out} was not written", file=sys.stderr)
 
@@ -294,16 +309,26 @@ def cmd_detokenize(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     settings_file = out_dir / SETTINGS_FILE
+
+    def name(i: int) -> Path:
+        return out_dir / f"{i:06d}-{Path(sources[i]).stem}.png"
+
     if settings_file.exists() and not args.overwrite:
         try:
             previous = json.loads(settings_file.read_text())
         except (OSError, json.JSONDecodeError):
             previous = None
         if previous != settings:
+            changed = sorted(key for key in settings if not isinstance(previous, dict) or previous.get(key) != settings[key])
             raise CommandError(
-                f"{out_dir} contains images decoded with other settings ({settings_file}); "
+                f"{out_dir} contains images decoded with another {', '.join(changed)} (see {settings_file}); "
                 "pass --overwrite to decode them again, or choose another --out"
             )
+    elif not args.overwrite and any(name(i).exists() for i in range(len(tokens))):
+        raise CommandError(
+            f"{out_dir} contains PNGs with the output names but no {SETTINGS_FILE}; "
+            "pass --overwrite to replace them, or choose another --out"
+        )
 
     stored_model = str(data["model"])
     if stored_model != settings["model"]:
@@ -311,13 +336,18 @@ def cmd_detokenize(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.dtype)
     if tokens.shape[1] > model.num_registers:
         raise CommandError(f"token file {args.tokens} has {tokens.shape[1]} tokens per row, but this model has {model.num_registers}")
+    used = tokens[:, :k]
+    invalid = np.argwhere((used < 0) | (used >= model.codebook_size))
+    if invalid.size:
+        row, column = map(int, invalid[0])
+        raise CommandError(
+            f"token file {args.tokens} has id {int(used[row, column])} at row {row}, position {column}, "
+            f"outside the codebook [0, {model.codebook_size}); {len(invalid)} id(s) are invalid"
+        )
 
     from flextok_jax.files import atomic_write_text
 
     atomic_write_text(settings_file, json.dumps(settings, indent=2))
-
-    def name(i: int) -> Path:
-        return out_dir / f"{i:06d}-{Path(sources[i]).stem}.png"
 
     todo = [i for i in range(len(tokens)) if args.overwrite or not name(i).exists()]
     latent_side = model.image_size // model.config.vae.downsample_factor
@@ -356,6 +386,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         if k < 1:
             raise CommandError(f"--k {k} is invalid; pass token counts of at least 1")
     out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CommandError(f"--out {out} must end in .png; the grid is written as a PNG")
     _check_writable(out, "output")
     if not Path(args.image).is_file():
         raise CommandError(f"image file {args.image} not found")

@@ -325,7 +325,7 @@ def test_limit_stops_early(limited_run, photo_paths):
     proc = limited_run["proc"]
     assert proc.returncode == 0, describe(proc)
     images_left = len(photo_paths) - 1
-    assert f"stopped with {images_left} images left" in proc.stderr, f"stderr is {proc.stderr!r}"
+    assert f"stopped with {images_left} image(s) left" in proc.stderr, f"stderr is {proc.stderr!r}"
     assert not limited_run["out_exists"], "output file was written although images were left"
     assert limited_run["parts"] == ["part-000000.npz"], f"parts folder contains {limited_run['parts']}"
 
@@ -586,3 +586,42 @@ def test_convert_keeps_existing_folder(cli, workdir):
     proc = cli("convert", TINY, target)
     assert proc.returncode != 0, "convert into a non-empty folder exited 0"
     assert (target / "notes.txt").read_text() == "keep me", "convert changed a file in the existing folder"
+
+
+def test_detokenize_rejects_foreign_pngs(golden_detokenized, cli, workdir):
+    _, args = golden_detokenized
+    out = workdir / "foreign_pngs"
+    out.mkdir()
+    foreign = out / "000000-golden0.png"
+    save_photo("astronaut", foreign)
+    before = foreign.read_bytes()
+    proc = cli("detokenize", args[1], "--model", TINY, "--out", out, "--steps", "1")
+    assert proc.returncode != 0, "detokenize over PNGs it did not write exited 0"
+    assert "--overwrite" in proc.stderr, f"error does not mention --overwrite: {describe(proc)}"
+    assert foreign.read_bytes() == before, "a PNG the command did not write was changed"
+
+
+def test_detokenize_invalid_ids_write_nothing(cli, workdir):
+    token_file = workdir / "invalid_ids.npz"
+    np.savez(token_file, tokens=np.full((2, 4), 64000, np.int32), paths=np.asarray(["a.png", "b.png"]), model=np.asarray(str(TINY)))
+    out = workdir / "invalid_ids_out"
+    proc = cli("detokenize", token_file, "--model", TINY, "--out", out, "--steps", "1")
+    assert proc.returncode != 0, "detokenize of out-of-codebook ids exited 0"
+    assert "64000" in proc.stderr, f"error does not name the id: {describe(proc)}"
+    assert not out.exists(), f"a failed detokenize left {out} behind"
+
+
+def test_reconstruct_rejects_non_png(cli, photo_paths, workdir):
+    proc = cli("reconstruct", photo_paths[0], "--model", TINY, "--out", workdir / "grid.jpg", "--steps", "1")
+    assert proc.returncode != 0, "reconstruct to a .jpg path exited 0"
+    assert "grid.jpg" in proc.stderr, f"error does not name the path: {describe(proc)}"
+
+
+def test_resume_default_size_matches_explicit(cli, photos, workdir):
+    out = workdir / "explicit_size.npz"
+    first = cli("tokenize", photos, "--model", TINY, "--out", out, "--limit", "1")
+    assert first.returncode == 0, describe(first)
+    second = cli("tokenize", photos, "--model", TINY, "--out", out, "--image-size", str(SIZE))
+    assert second.returncode == 0, f"resuming with --image-size {SIZE} (the model's own) failed: {describe(second)}"
+    third = cli("tokenize", photos, "--model", TINY, "--out", out, "--image-size", "64")
+    assert third.returncode != 0, "resuming with another --image-size exited 0"

@@ -447,3 +447,9 @@ def test_sampled_posterior_uses_rng():
     other = np.asarray(model.encode_latents(pixels, rng=jax.random.PRNGKey(2)))
     assert np.array_equal(first, again), "the same key sampled different latents"
     assert not np.array_equal(first, other), "different keys sampled the same latents"
+
+
+def test_rejects_huge_integer_seed(flextok):
+    with pytest.raises(ValueError) as err:
+        flextok.detokenize_latents(random_tokens(flextok, 1), steps=1, rng=2**70)
+    assert_names(err, str(2**70))
