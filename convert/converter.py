@@ -86,9 +86,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _format_list(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
+    listed = ", ".join(items[:_MAX_LISTED])
     more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return shown + more
+    return listed + more
 
 
 # --- Planning --------------------------------------------------------------------------

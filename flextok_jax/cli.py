@@ -82,34 +82,34 @@ def _check_image_size(size: int | None) -> None:
         raise CommandError(f"--image-size {size} is invalid; pass a positive multiple of 16 pixels")
 
 
-def _check_writable(path: Path, what: str) -> None:
+def _check_writable(path: Path, label: str) -> None:
     """Fail before any model work when `path` cannot be created, without creating anything."""
     ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        raise CommandError(f"{what} {path} cannot be created because {ancestor} is not a writable folder")
+        raise CommandError(f"{label} {path} cannot be created because {ancestor} is not a writable folder")
     if path.is_dir():
-        raise CommandError(f"{what} {path} is a folder; pass a file path")
+        raise CommandError(f"{label} {path} is a folder; pass a file path")
 
 
-def _load_token_file(path: Path, what: str) -> dict[str, np.ndarray]:
+def _load_token_file(path: Path, label: str) -> dict[str, np.ndarray]:
     """Read a .npz written by `tokenize` (a finished output or one batch file)."""
     if not zipfile.is_zipfile(path):
-        raise CommandError(f"{what} {path} is not an .npz file written by 'flextok-jax tokenize'")
+        raise CommandError(f"{label} {path} is not an .npz file written by 'flextok-jax tokenize'")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: np.asarray(data[key]) for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise CommandError(f"cannot read {what} {path}: {err}") from err
+        raise CommandError(f"cannot read {label} {path}: {err}") from err
     missing = [key for key in ("tokens", "paths", "model") if key not in arrays]
     if missing:
-        raise CommandError(f"{what} {path} has no {', '.join(missing)} entry; it was not written by 'flextok-jax tokenize'")
+        raise CommandError(f"{label} {path} has no {', '.join(missing)} entry; it was not written by 'flextok-jax tokenize'")
     tokens, paths = arrays["tokens"], arrays["paths"]
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise CommandError(f"{what} {path} has tokens of shape {tokens.shape} and dtype {tokens.dtype}; expected int [N, R]")
+        raise CommandError(f"{label} {path} has tokens of shape {tokens.shape} and dtype {tokens.dtype}; expected int [N, R]")
     if paths.shape != (tokens.shape[0],):
-        raise CommandError(f"{what} {path} has {paths.size} paths for {tokens.shape[0]} token rows")
+        raise CommandError(f"{label} {path} has {paths.size} paths for {tokens.shape[0]} token rows")
     return arrays
 
 
@@ -369,8 +369,8 @@ def cmd_detokenize(args: argparse.Namespace) -> int:
             _save_image(image, name(row))
         progress.update(len(rows))
     progress.close()
-    kept = len(tokens) - len(todo)
-    print(f"wrote {len(todo)} images to {out_dir}" + (f" (kept {kept} existing)" if kept else ""))
+    existing = len(tokens) - len(todo)
+    print(f"wrote {len(todo)} images to {out_dir}" + (f" (kept {existing} existing)" if existing else ""))
     return 0
 
 

@@ -28,6 +28,19 @@ def rel_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
+def assert_same_arrays(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], label: str) -> None:
+    """Assert equal key sets, and equal dtype, shape and bytes for every array."""
+    assert sorted(actual) == sorted(expected), (
+        f"{label}: keys differ; only in actual {sorted(set(actual) - set(expected))[:5]}, "
+        f"only in expected {sorted(set(expected) - set(actual))[:5]}"
+    )
+    for key, want in expected.items():
+        got = actual[key]
+        assert got.dtype == want.dtype, f"{label}: {key} has dtype {got.dtype}, expected {want.dtype}"
+        assert got.shape == want.shape, f"{label}: {key} has shape {got.shape}, expected {want.shape}"
+        assert got.tobytes() == want.tobytes(), f"{label}: {key} differs in value"
+
+
 def nchw_to_nhwc(array: np.ndarray) -> np.ndarray:
     """The reference stores images and latents NCHW; the package works NHWC."""
     return np.ascontiguousarray(np.asarray(array).transpose(0, 2, 3, 1))

@@ -27,7 +27,7 @@ from safetensors.numpy import load_file
 from flextok_jax import FlexTok
 from flextok_jax.cli import _row_noise
 from flextok_jax.images import load_image, load_images, to_uint8
-from tests.conftest import golden_path, load_golden, nchw_to_nhwc
+from tests.conftest import assert_same_arrays, golden_path, load_golden, nchw_to_nhwc
 
 TINY = golden_path("tiny")
 SIZE = 128  # image side of the tiny model
@@ -536,15 +536,7 @@ def test_convert_round_trip(converted):
     _, back = converted
     original = load_file(str(TINY / "model.safetensors"))
     restored = load_file(str(back))
-    assert sorted(restored) == sorted(original), (
-        f"tensor names differ; only in the original {sorted(set(original) - set(restored))[:5]}, "
-        f"only in the round trip {sorted(set(restored) - set(original))[:5]}"
-    )
-    for key, want in original.items():
-        got = restored[key]
-        assert got.dtype == want.dtype, f"{key} has dtype {got.dtype}, expected {want.dtype}"
-        assert got.shape == want.shape, f"{key} has shape {got.shape}, expected {want.shape}"
-        assert got.tobytes() == want.tobytes(), f"{key} differs in value"
+    assert_same_arrays(restored, original, "PyTorch round trip")
 
 
 def test_convert_same_tokens(converted, api_tokens, photo_paths):

@@ -24,7 +24,7 @@ from convert.converter import abstract_params, plan_conversion
 from convert.layout import FLEXTOK_PREFIXES, flax_to_torch, shape_after
 from flextok_jax.config import VAEConfig, config_from_hydra, parse_metadata_tree, vae_config_from_shapes
 from flextok_jax.model import FlexTokModel
-from tests.conftest import LAYOUTS, golden_path
+from tests.conftest import LAYOUTS, assert_same_arrays, golden_path
 
 MISSING_KEY = "decoder.module_dict.dec_transformer.blocks.1.attn.wq.weight"
 EXTRA_KEY = "decoder.module_dict.dec_transformer.blocks.9.attn.wq.weight"
@@ -46,19 +46,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     with safe_open(str(path), framework="numpy") as handle:
         metadata = handle.metadata() or {}
     return load_file(str(path)), metadata
-
-
-def assert_same_arrays(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], label: str) -> None:
-    """Assert equal key sets, and equal dtype, shape and bytes for every array."""
-    assert sorted(actual) == sorted(expected), (
-        f"{label}: keys differ; only in actual {sorted(set(actual) - set(expected))[:5]}, "
-        f"only in expected {sorted(set(expected) - set(actual))[:5]}"
-    )
-    for key, want in expected.items():
-        got = actual[key]
-        assert got.dtype == want.dtype, f"{label}: {key} has dtype {got.dtype}, expected {want.dtype}"
-        assert got.shape == want.shape, f"{label}: {key} has shape {got.shape}, expected {want.shape}"
-        assert got.tobytes() == want.tobytes(), f"{label}: {key} differs in value"
 
 
 def write_variant(
